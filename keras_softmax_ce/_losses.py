@@ -78,12 +78,14 @@ class _SoftmaxCrossEntropy(keras.losses.Loss):
             )
 
     def _logits(self, y_pred, normalize):
-        """Returns logits for `y_pred`, recovering them behind a softmax.
+        """Returns `(logits, True)`, or `(log_probabilities, False)`.
 
         As in Keras, a prediction that came out of a softmax is replaced by
         the softmax's input, so the analytic gradient applies; otherwise,
-        with `from_logits=False`, the logits are the log of the clipped
-        probabilities (normalized first for dense labels, as Keras does).
+        with `from_logits=False`, the prediction is taken for probabilities
+        (normalized first for dense labels, as Keras does) and their clipped
+        log is returned. z-loss and soft-capping act on logits, so they are
+        refused for probabilities rather than silently applied to logs.
         """
         recovered = getattr(y_pred, "_keras_logits", None)
         if (
@@ -100,13 +102,21 @@ class _SoftmaxCrossEntropy(keras.losses.Loss):
                     "used instead.",
                     stacklevel=3,
                 )
-            return recovered
+            return recovered, True
         if self.from_logits:
-            return y_pred
+            return y_pred, True
+        if self.z_loss or self.soft_cap is not None:
+            raise ValueError(
+                f"{type(self).__name__} with z_loss={self.z_loss} or "
+                f"soft_cap={self.soft_cap} needs logits, but `y_pred` holds "
+                "probabilities that did not come out of a Keras softmax. "
+                "Pass logits with from_logits=True."
+            )
         if normalize:
             y_pred = y_pred / tf.reduce_sum(y_pred, self.axis, keepdims=True)
         epsilon = keras.config.epsilon()
-        return tf.math.log(tf.clip_by_value(y_pred, epsilon, 1.0 - epsilon))
+        log_p = tf.math.log(tf.clip_by_value(y_pred, epsilon, 1.0 - epsilon))
+        return log_p, False
 
     def _options(self):
         return dict(
@@ -185,12 +195,11 @@ class SparseCategoricalCrossentropy(_SoftmaxCrossEntropy):
 
     def call(self, y_true, y_pred):
         """Per-example loss; `y_true` integer labels, `y_pred` as set."""
-        logits = self._logits(y_pred, normalize=False)
+        logits, _ = self._logits(y_pred, normalize=False)
         labels = y_true
         rank = logits.shape.rank
-        if rank is not None and labels.shape.rank == rank:
-            if labels.shape[self.axis] == 1:
-                labels = tf.squeeze(labels, axis=self.axis)
+        if labels.shape.rank == rank and labels.shape[self.axis] == 1:
+            labels = tf.squeeze(labels, axis=self.axis)
         if labels.dtype in (tf.float16, tf.bfloat16):
             raise ValueError(
                 f"`y_true` holds {labels.dtype.name} labels, which cannot "
@@ -256,8 +265,20 @@ class CategoricalCrossentropy(_SoftmaxCrossEntropy):
 
     def call(self, y_true, y_pred):
         """Per-example loss; `y_true` target distributions."""
-        logits = self._logits(y_pred, normalize=True)
+        logits, are_logits = self._logits(y_pred, normalize=True)
         labels = y_true
         if not labels.dtype.is_floating:
             labels = tf.cast(labels, self.dtype)
-        return _ops.softmax_cross_entropy(labels, logits, **self._options())
+        if are_logits:
+            return _ops.softmax_cross_entropy(labels, logits, **self._options())
+        # Keras' formula for probabilities, `-sum(t log p)`, kept as it is:
+        # the lse of clipped log-probabilities is not exactly 0, and with it
+        # the loss would drift from the built-in's where clipping acts.
+        log_p = tf.cast(logits, _ops.compute_dtype(logits.dtype))
+        t = _ops.smoothed_labels(
+            tf.experimental.numpy.moveaxis(labels, self.axis, -1),
+            self.label_smoothing,
+            log_p.dtype,
+        )
+        t = tf.experimental.numpy.moveaxis(t, -1, self.axis)
+        return -tf.reduce_sum(t * log_p, axis=self.axis)

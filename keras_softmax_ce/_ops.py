@@ -16,6 +16,7 @@ float32, `lse = log(sum_j exp(z_j))`, `p = exp(z - lse) = softmax(z)`,
 `g` the incoming gradient of the per-example loss.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -137,38 +138,49 @@ def in_xla_context():
     )
 
 
-# Outside XLA, row statistics are reduced over blocks of rows of about this
-# many float32 bytes, because TensorFlow materializes every op and the
-# float32 logits and their exponentials would each be a whole `[N, V]`
-# tensor. Under XLA no blocks are used: a while loop over blocks makes XLA
-# hoist the float32 conversion of all the logits out of the loop, and the
-# fusions of GPU and TPU backends never materialize these tensors anyway.
+# Outside XLA, rows are processed in blocks of about this many float32
+# bytes, because TensorFlow materializes every op: the float32 logits, their
+# exponentials and the one-hot target would each be a whole `[N, V]` tensor.
+# Under XLA no blocks are used: a while loop over blocks makes XLA hoist the
+# float32 conversion of all the logits out of the loop, and XLA's fusions
+# already avoid most such tensors.
 BLOCK_BYTES = 32 * 2**20
 
 
-def block_rows(num_classes, block_bytes=BLOCK_BYTES):
-    """Rows per block so that one float32 `[rows, V]` fits `block_bytes`."""
-    return max(1, block_bytes // (4 * num_classes))
+def block_rows(num_classes):
+    """Rows per block so that one float32 `[rows, V]` fits `BLOCK_BYTES`."""
+    return max(1, BLOCK_BYTES // (4 * num_classes))
 
 
-def map_row_blocks(fn, tensors, rows):
-    """Applies `fn` to blocks of `rows` rows and joins the `[rows]` results.
+def map_row_blocks(fn, tensors, rows, differentiable=False):
+    """Applies `fn` to blocks of `rows` rows and assembles the results.
 
-    A `tf.while_loop` walks the full blocks and a last call takes the
-    remainder, so only one block's temporaries exist at a time. Under XLA,
-    or with an unknown or small row count, the tensors are passed whole.
+    Outside XLA, in a graph, a `tf.while_loop` walks the full blocks one at
+    a time and a last call takes the remainder; each block's results are
+    written in place into outputs allocated once, so only one block's
+    temporaries exist beside the outputs. Elsewhere (eagerly, under XLA,
+    with an unknown or small row count) `fn` gets the tensors whole.
 
     Args:
-        fn: Maps blocks `[r, ...]` of each tensor to a tuple of `[r]`
+        fn: Maps blocks `[r, ...]` of each tensor to a tuple of `[r, ...]`
             tensors.
         tensors: Tensors sharing the leading dimension `N`.
         rows: Rows per block.
+        differentiable: Whether a tape may differentiate the result. The
+            in-place writes have no gradient, so a recording tape gets the
+            whole-tensor path.
 
     Returns:
-        The tuple of `[N]` results.
+        The tuple of `fn`'s results for all `N` rows.
     """
     n = tensors[0].shape[0]
-    if n is None or n <= rows or in_xla_context():
+    if (
+        n is None
+        or n <= rows
+        or tf.executing_eagerly()
+        or in_xla_context()
+        or (differentiable and _tape_may_record())
+    ):
         return fn(*tensors)
 
     def block(start, size):
@@ -181,28 +193,53 @@ def map_row_blocks(fn, tensors, rows):
             for t in tensors
         ]
 
-    full = n // rows
-    dtypes = [r.dtype for r in fn(*block(0, 1))]
-    arrays = [
-        tf.TensorArray(d, size=full, element_shape=[rows]) for d in dtypes
-    ]
-
-    def body(i, arrays):
-        results = fn(*block(i * rows, rows))
-        return i + 1, [
-            a.write(i, r) for a, r in zip(arrays, results, strict=True)
+    def write(outputs, start, size):
+        results = fn(*block(start, size))
+        indices = tf.range(start, start + size)
+        return [
+            tf.raw_ops.InplaceUpdate(x=output, i=indices, v=result)
+            for output, result in zip(outputs, results, strict=True)
         ]
 
-    _, arrays = tf.while_loop(
-        lambda i, _: i < full, body, (tf.constant(0), arrays)
-    )
-    joined = [tf.reshape(a.stack(), [full * rows]) for a in arrays]
-    if n > full * rows:
-        tail = fn(*block(full * rows, n - full * rows))
-        joined = [
-            tf.concat([j, t], 0) for j, t in zip(joined, tail, strict=True)
+    # A tape watching a graph's forward pass would walk back through the
+    # in-place writes, which have no gradient; statistics get theirs from
+    # `attach_gradient`, so for them recording is paused.
+    with contextlib.nullcontext() if differentiable else _paused_tapes():
+        # `Empty` leaves the outputs uninitialized: every row is written.
+        outputs = [
+            tf.raw_ops.Empty(shape=[n, *r.shape[1:]], dtype=r.dtype)
+            for r in fn(*block(0, 1))
         ]
-    return tuple(joined)
+        full = n // rows
+        # One iteration at a time: parallel iterations would each hold a
+        # block's temporaries.
+        _, outputs = tf.while_loop(
+            lambda i, _: i < full,
+            lambda i, outputs: (i + 1, write(outputs, i * rows, rows)),
+            (tf.constant(0), outputs),
+            parallel_iterations=1,
+        )
+        if n > full * rows:
+            outputs = write(outputs, full * rows, n - full * rows)
+    return tuple(outputs)
+
+
+def _paused_tapes():
+    """A context in which no gradient tape records new ops."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - depends on TensorFlow's layout
+        return contextlib.nullcontext()
+    return record.stop_recording()
+
+
+def _tape_may_record():
+    """Whether a gradient tape is active, so that new ops may be recorded."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # pragma: no cover - depends on TensorFlow's layout
+        return True
+    return record.could_possibly_record()
 
 
 def attach_gradient(value, inputs, grad_fn):
@@ -369,21 +406,14 @@ def sparse_backward(
         p *= (1.0 + 2.0 * z_loss * lse)[:, None]
     # The target's `1` is subtracted here, in float32, before the cast back
     # to the logits' dtype rounds the result.
-    if eps:
-        p -= eps / num_classes
-    on_value = 1.0 - eps
-    if in_xla_context():
-        # XLA fuses the one-hot comparison into the elementwise sweep.
-        p -= tf.one_hot(safe_labels, num_classes, on_value, dtype=z.dtype)
-    else:
-        # Without XLA a one-hot would be one more `[n, V]` tensor; the
-        # scatter updates `p` in place when nothing else holds it.
-        rows = tf.range(tf.shape(safe_labels)[0], dtype=tf.int32)
-        p = tf.tensor_scatter_nd_sub(
-            p,
-            tf.stack([rows, safe_labels], axis=1),
-            tf.fill(tf.shape(safe_labels), tf.cast(on_value, z.dtype)),
-        )
+    target = tf.one_hot(
+        safe_labels,
+        num_classes,
+        on_value=1.0 - eps + eps / num_classes,
+        off_value=eps / num_classes,
+        dtype=z.dtype,
+    )
+    p -= target
     d_z = tf.cast(g, z.dtype)[:, None] * p
     if soft_cap is not None:
         d_z *= cap_derivative(z, soft_cap)
@@ -413,40 +443,89 @@ def sparse_rows(labels, logits, **options):
 
         def grad(d_loss):
             g = tf.cast(d_loss, loss.dtype) * row_weight
-            return sparse_backward(
-                g, logits, lse, safe_labels, **backward_options
-            )
+            return map_row_blocks(
+                lambda *block: [sparse_backward(*block, **backward_options)],
+                [g, logits, lse, safe_labels],
+                block_rows(logits.shape[-1]),
+                differentiable=True,
+            )[0]
 
         return loss, grad
 
     return kernel(logits)
 
 
-def dense_rows(labels, logits, *, label_smoothing, z_loss, soft_cap):
-    """Row kernel for probability labels; see `softmax_cross_entropy`.
+def smoothed_labels(labels, label_smoothing, dtype):
+    """`t = (1 - eps) * y + eps / V` in `dtype`."""
+    t = tf.cast(labels, dtype)
+    if label_smoothing:
+        t = (1.0 - label_smoothing) * t + label_smoothing / labels.shape[-1]
+    return t
+
+
+def dense_backward(
+    g, labels, logits, lse, t_sum, *, label_smoothing, z_loss, soft_cap
+):
+    """Gradients of the dense loss with respect to labels and logits.
 
     Args:
-        labels: `[N, V]` floating tensor.
-        logits: `[N, V]` floating tensor.
+        g: `[n]` incoming gradient per row.
+        labels: `[n, V]` labels `y`.
+        logits: `[n, V]` logits `x`.
+        lse: `[n]` log-sum-exp from the forward pass.
+        t_sum: `[n]` `sum_j t_j` from the forward pass.
         label_smoothing: Python float `eps`.
         z_loss: Python float `a`.
         soft_cap: Python float `c` or `None`.
 
     Returns:
-        `[N]` loss in float32 (float64 for float64 logits).
+        `(d_labels, d_logits)` in the dtypes of `labels` and `logits`:
+        `g (1 - eps) (lse - z)` and `g ((sum(t) + 2 a lse) p - t) dz/dx`.
     """
-    num_classes = logits.shape[-1]
     eps = label_smoothing
+    g = tf.cast(g, lse.dtype)[:, None]
+    z = cap_logits(logits, soft_cap)
+    lse = attach_lse_gradient(logits, lse, soft_cap)
+    # d sum(t) / d y = 1 - eps for every class.
+    t_sum = attach_gradient(
+        t_sum,
+        [labels],
+        lambda d: [
+            tf.cast((1.0 - eps) * d[:, None] * tf.ones_like(z), labels.dtype)
+        ],
+    )
+    scale = t_sum + 2.0 * z_loss * lse if z_loss else t_sum
+    t = smoothed_labels(labels, eps, z.dtype)
+    d_z = g * (scale[:, None] * tf.exp(z - lse[:, None]) - t)
+    if soft_cap is not None:
+        d_z *= cap_derivative(z, soft_cap)
+    # `multiply_no_nan` keeps rows with no incoming gradient at exactly 0
+    # even where `lse - z` is infinite (a `-inf` logit).
+    d_labels = tf.math.multiply_no_nan(lse[:, None] - z, (1.0 - eps) * g)
+    return tf.cast(d_labels, labels.dtype), tf.cast(d_z, logits.dtype)
 
-    def smoothed(labels, dtype):
-        t = tf.cast(labels, dtype)
-        if eps:
-            t = (1.0 - eps) * t + eps / num_classes
-        return t
+
+def dense_rows(labels, logits, **options):
+    """Row kernel for probability labels; see `softmax_cross_entropy`.
+
+    Args:
+        labels: `[N, V]` floating tensor.
+        logits: `[N, V]` floating tensor.
+        **options: `label_smoothing`, `z_loss`, `soft_cap`.
+
+    Returns:
+        `[N]` loss in float32 (float64 for float64 logits), differentiable
+        with respect to both inputs through `dense_backward`.
+    """
+    eps, z_loss, soft_cap = (
+        options["label_smoothing"],
+        options["z_loss"],
+        options["soft_cap"],
+    )
 
     def statistics(labels, logits):
         z = cap_logits(logits, soft_cap)
-        t = smoothed(labels, z.dtype)
+        t = smoothed_labels(labels, eps, z.dtype)
         # `multiply_no_nan` keeps `0 * -inf` at 0: a class the logits rule
         # out and the labels give no mass costs nothing.
         return (
@@ -458,40 +537,14 @@ def dense_rows(labels, logits, *, label_smoothing, z_loss, soft_cap):
     @tf.custom_gradient
     def kernel(labels, logits):
         lse, t_sum, t_dot_z = map_row_blocks(
-            statistics, [labels, logits], block_rows(num_classes)
+            statistics, [labels, logits], block_rows(logits.shape[-1])
         )
         loss = t_sum * lse - t_dot_z
         if z_loss:
             loss += z_loss * tf.square(lse)
 
         def grad(d_loss):
-            g = tf.cast(d_loss, loss.dtype)[:, None]
-            z = cap_logits(logits, soft_cap)
-            lse_d = attach_lse_gradient(logits, lse, soft_cap)
-            # d sum(t) / d y = 1 - eps for every class.
-            t_sum_d = attach_gradient(
-                t_sum,
-                [labels],
-                lambda d: [
-                    tf.cast(
-                        (1.0 - eps) * d[:, None] * tf.ones_like(z), labels.dtype
-                    )
-                ],
-            )
-            t = smoothed(labels, z.dtype)
-            # d loss / d z = (sum(t) + 2 a lse) p - t.
-            scale = t_sum_d + 2.0 * z_loss * lse_d if z_loss else t_sum_d
-            d_z = g * (scale[:, None] * tf.exp(z - lse_d[:, None]) - t)
-            if soft_cap is not None:
-                d_z *= cap_derivative(z, soft_cap)
-            # d loss / d y = (1 - eps) (lse - z), the negative log-softmax.
-            d_labels = tf.math.multiply_no_nan(
-                lse_d[:, None] - z, (1.0 - eps) * g
-            )
-            return (
-                tf.cast(d_labels, labels.dtype),
-                tf.cast(d_z, logits.dtype),
-            )
+            return dense_backward(d_loss, labels, logits, lse, t_sum, **options)
 
         return loss, grad
 

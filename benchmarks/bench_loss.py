@@ -1,0 +1,226 @@
+"""Speed and peak memory of the losses against Keras' built-in.
+
+Each step is forward + backward: the mean sparse cross-entropy of `[N, V]`
+logits and its gradient with respect to the logits, which the step returns
+so that it exists in full, as it must before an output projection's
+backward pass. Three variants:
+
+- `ours`: `keras_softmax_ce.SparseCategoricalCrossentropy(from_logits=True)`
+- `keras`: `keras.losses.SparseCategoricalCrossentropy(from_logits=True)`
+- `floor`: the least work any implementation does, one pass that computes
+  the exponentials and their row sums and one that writes the gradient.
+
+Times are medians of interleaved runs in one process, under
+`jit_compile=True`. Peak memory is TensorFlow's own count of bytes in use
+(`tf.config.experimental.get_memory_info`) during a warmed-up step above
+what was in use before it, each variant in a fresh process, with and
+without XLA.
+
+Usage:
+    python benchmarks/bench_loss.py [--repeats 15] [--output FILE]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TIME_SHAPES = [(2048, 32768), (8192, 1024), (64, 262144)]
+MEMORY_SHAPE = (4096, 65536)
+DTYPES = ["float32", "bfloat16"]
+VARIANTS = ["ours", "keras", "floor"]
+
+
+def make_step(variant, jit_compile):
+    """A compiled forward + backward step `(labels, logits) -> (loss, grad)`."""
+    import keras
+    import tensorflow as tf
+
+    import keras_softmax_ce
+
+    if variant == "floor":
+
+        def loss_and_grad(labels, logits):
+            e = tf.exp(tf.cast(logits, tf.float32))
+            total = tf.reduce_sum(e, axis=-1, keepdims=True)
+            grad = tf.cast(e / total, logits.dtype)
+            return tf.reduce_mean(tf.math.log(total)), grad
+
+        return tf.function(loss_and_grad, jit_compile=jit_compile)
+
+    loss_fn = {
+        "ours": keras_softmax_ce.SparseCategoricalCrossentropy,
+        "keras": keras.losses.SparseCategoricalCrossentropy,
+    }[variant](from_logits=True)
+
+    def step(labels, logits):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = loss_fn(labels, logits)
+        return loss, tape.gradient(loss, logits)
+
+    return tf.function(step, jit_compile=jit_compile)
+
+
+def inputs(n, v, dtype):
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(0)
+    logits = tf.cast(3.0 * generator.normal([n, v]), dtype)
+    labels = generator.uniform([n], 0, v, dtype=tf.int32)
+    return labels, logits
+
+
+def run_and_wait(step, labels, logits):
+    loss, grad = step(labels, logits)
+    # Reading values forces completion of the asynchronous step.
+    float(loss)
+    grad[0, 0].numpy()
+
+
+def time_shape(n, v, dtype, repeats):
+    """Median seconds per variant, runs interleaved across variants."""
+    labels, logits = inputs(n, v, dtype)
+    steps = {name: make_step(name, True) for name in VARIANTS}
+    for step in steps.values():
+        run_and_wait(step, labels, logits)
+    times = {name: [] for name in VARIANTS}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            run_and_wait(step, labels, logits)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(variant, dtype, jit_compile):
+    """Bytes allocated by one warmed-up step above those held before it."""
+    import tensorflow as tf
+
+    labels, logits = inputs(*MEMORY_SHAPE, dtype)
+    step = make_step(variant, jit_compile)
+    run_and_wait(step, labels, logits)
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    run_and_wait(step, labels, logits)
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
+def memory_in_subprocess(variant, dtype, jit_compile):
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        json.dumps([variant, dtype, jit_compile]),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"memory run {variant}/{dtype} failed:\n{result.stderr[-2000:]}"
+        )
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    import keras
+    import tensorflow as tf
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores, {model}; Python "
+        f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras "
+        f"{keras.__version__}"
+    )
+
+
+def report(repeats):
+    lines = [f"Machine: {machine()}", ""]
+    lines += [
+        "Time, forward + backward under jit_compile, median of "
+        f"{repeats} interleaved runs (ms):",
+        "",
+        "| N | V | dtype | ours | keras | floor | ours / keras "
+        "| ours / floor |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n, v in TIME_SHAPES:
+        for dtype in DTYPES:
+            t = time_shape(n, v, dtype, repeats)
+            lines.append(
+                f"| {n} | {v} | {dtype} | {1e3 * t['ours']:.1f} "
+                f"| {1e3 * t['keras']:.1f} | {1e3 * t['floor']:.1f} "
+                f"| {t['ours'] / t['keras']:.2f} "
+                f"| {t['ours'] / t['floor']:.2f} |"
+            )
+            print(lines[-1], flush=True)
+    n, v = MEMORY_SHAPE
+    lines += [
+        "",
+        f"Peak memory of one warmed-up step at N={n}, V={v}, above the "
+        "logits already held, each variant in its own process (MiB; in "
+        "brackets, multiples of the gradient's own size):",
+        "",
+        "| dtype | XLA | ours | keras | floor | ours / keras |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for dtype in DTYPES:
+        grad_bytes = n * v * (4 if dtype == "float32" else 2)
+        for jit_compile in (True, False):
+            peak = {
+                name: memory_in_subprocess(name, dtype, jit_compile)
+                for name in VARIANTS
+            }
+            cells = " | ".join(
+                f"{peak[name] / 2**20:.0f} ({peak[name] / grad_bytes:.2f})"
+                for name in VARIANTS
+            )
+            lines.append(
+                f"| {dtype} | {'yes' if jit_compile else 'no'} | {cells} "
+                f"| {peak['ours'] / peak['keras']:.2f} |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="also write the tables to this file (Markdown)",
+    )
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        variant, dtype, jit_compile = json.loads(args.memory_child)
+        print(peak_memory(variant, dtype, jit_compile))
+        return
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; received {args.repeats}")
+    text = report(args.repeats)
+    print()
+    print(text)
+    if args.output:
+        with open(args.output, "w") as output:
+            output.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
