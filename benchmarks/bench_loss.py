@@ -23,11 +23,12 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+import _machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -84,10 +85,10 @@ def run_and_wait(step, labels, logits):
     grad[0, 0].numpy()
 
 
-def time_shape(n, v, dtype, repeats):
+def time_shape(n, v, dtype, repeats, jit_compile=True):
     """Median seconds per variant, runs interleaved across variants."""
     labels, logits = inputs(n, v, dtype)
-    steps = {name: make_step(name, True) for name in VARIANTS}
+    steps = {name: make_step(name, jit_compile) for name in VARIANTS}
     for step in steps.values():
         run_and_wait(step, labels, logits)
     times = {name: [] for name in VARIANTS}
@@ -129,41 +130,27 @@ def memory_in_subprocess(variant, dtype, jit_compile):
     return int(result.stdout.strip().splitlines()[-1])
 
 
-def machine():
-    import keras
-    import tensorflow as tf
-
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} cores, {model}; Python "
-        f"{platform.python_version()}, TensorFlow {tf.__version__}, Keras "
-        f"{keras.__version__}"
-    )
-
-
 def report(repeats):
-    lines = [f"Machine: {machine()}", ""]
-    lines += [
-        "Time, forward + backward under jit_compile, median of "
-        f"{repeats} interleaved runs (ms):",
-        "",
-        "| N | V | dtype | ours | keras | floor | ours / keras "
+    lines = [f"Machine: {_machine.describe()}", ""]
+    header = [
+        "| N | V | dtype | XLA | ours | keras | floor | ours / keras "
         "| ours / floor |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    for n, v in TIME_SHAPES:
+    lines += [
+        f"Time, forward + backward, median of {repeats} interleaved runs (ms):",
+        "",
+        *header,
+    ]
+    # Every shape under XLA, the first one also without it.
+    runs = [(shape, True) for shape in TIME_SHAPES]
+    runs.append((TIME_SHAPES[0], False))
+    for (n, v), jit_compile in runs:
         for dtype in DTYPES:
-            t = time_shape(n, v, dtype, repeats)
+            t = time_shape(n, v, dtype, repeats, jit_compile)
             lines.append(
-                f"| {n} | {v} | {dtype} | {1e3 * t['ours']:.1f} "
+                f"| {n} | {v} | {dtype} | {'yes' if jit_compile else 'no'} "
+                f"| {1e3 * t['ours']:.1f} "
                 f"| {1e3 * t['keras']:.1f} | {1e3 * t['floor']:.1f} "
                 f"| {t['ours'] / t['keras']:.2f} "
                 f"| {t['ours'] / t['floor']:.2f} |"

@@ -4,6 +4,9 @@ The losses here are drop-in replacements for Keras' categorical
 cross-entropies whose backward pass is the closed-form `softmax(z) - y`,
 compiled by XLA for GPU and TPU, with z-loss, logit soft-capping, label
 smoothing for integer labels, any class axis and exact integer labels.
+`LinearSoftmaxCrossEntropy` fuses an output projection with the loss
+without holding the `[tokens, vocabulary]` logits, and the export helpers
+save models and training functions with their custom gradients kept.
 """
 
 try:
@@ -26,6 +29,25 @@ if _keras.backend.backend() != "tensorflow":
         "KERAS_BACKEND=tensorflow before importing keras."
     )
 
+from keras_softmax_ce._export import (
+    ExportMismatchError as ExportMismatchError,
+)
+from keras_softmax_ce._export import (
+    LossAndGradientsModule as LossAndGradientsModule,
+)
+from keras_softmax_ce._export import export_serving as export_serving
+from keras_softmax_ce._export import save_arrays as save_arrays
+from keras_softmax_ce._export import save_keras_model as save_keras_model
+from keras_softmax_ce._export import (
+    save_training_module as save_training_module,
+)
+from keras_softmax_ce._head import FusedHeadModel as FusedHeadModel
+from keras_softmax_ce._head import (
+    LinearSoftmaxCrossEntropy as LinearSoftmaxCrossEntropy,
+)
+from keras_softmax_ce._head import (
+    linear_softmax_cross_entropy as linear_softmax_cross_entropy,
+)
 from keras_softmax_ce._losses import (
     CategoricalCrossentropy as CategoricalCrossentropy,
 )
@@ -43,7 +65,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CategoricalCrossentropy",
+    "ExportMismatchError",
+    "FusedHeadModel",
+    "LinearSoftmaxCrossEntropy",
+    "LossAndGradientsModule",
     "SparseCategoricalCrossentropy",
+    "export_serving",
+    "linear_softmax_cross_entropy",
+    "save_arrays",
+    "save_keras_model",
+    "save_training_module",
     "softmax_cross_entropy",
     "sparse_softmax_cross_entropy",
 ]

@@ -5,9 +5,10 @@ the classes on the last axis, and calls one of two row kernels that carry a
 `tf.custom_gradient`. The kernels keep nothing for the backward pass but the
 input logits (which the caller holds anyway) and the per-row log-sum-exp
 `lse`, a `[N]` vector; the backward pass recomputes `softmax(z)` from them in
-one elementwise sweep, which XLA fuses with the subtraction of the target and
-the cast back to the logits' dtype, so a step holds one `[N, V]` gradient and
-no float32 copy of half-precision logits.
+one elementwise sweep that also subtracts the target and casts back to the
+logits' dtype. Under XLA that sweep is one fusion, so the gradient is the
+only `[N, V]` tensor the backward pass writes; outside XLA rows are taken in
+blocks to the same end (see `map_row_blocks`).
 
 Notation used throughout: `x` are the logits as given, `c` the soft cap,
 `z = c * tanh(x / c)` (or `z = x` without a cap) computed in at least
@@ -288,7 +289,14 @@ def attach_lse_gradient(logits, lse, soft_cap):
 
 
 def sparse_forward(
-    labels, logits, *, ignore_class, label_smoothing, z_loss, soft_cap
+    labels,
+    logits,
+    *,
+    ignore_class,
+    label_smoothing,
+    z_loss,
+    soft_cap,
+    row_offset=0,
 ):
     """Per-row loss for integer labels and what the backward pass needs.
 
@@ -301,6 +309,8 @@ def sparse_forward(
         label_smoothing: Python float `eps`.
         z_loss: Python float `a`.
         soft_cap: Python float `c` or `None`.
+        row_offset: Index of the first row in the caller's batch, for the
+            row named in the error message of a bad label.
 
     Returns:
         `(loss, lse, safe_labels, row_weight)`, all `[n]`: the loss in
@@ -365,8 +375,9 @@ def sparse_forward(
         if tf.executing_eagerly():
             if tf.reduce_any(bad):
                 value = labels[position].numpy()
+                row = int(position) + int(row_offset)
                 raise tf.errors.InvalidArgumentError(
-                    None, None, f"{message} {value} at row {int(position)}."
+                    None, None, f"{message} {value} at row {row}."
                 )
         else:
             check = tf.debugging.Assert(

@@ -324,3 +324,30 @@ def test_model_saved_with_the_loss_reloads_without_custom_objects(tmp_path):
     restored = keras.saving.load_model(path)
     assert isinstance(restored.loss, ksce.SparseCategoricalCrossentropy)
     assert restored.loss.get_config() == loss.get_config()
+
+
+def test_z_loss_on_probabilities_is_refused():
+    probabilities = tf.constant([[0.2, 0.8]])
+    for loss in (
+        ksce.SparseCategoricalCrossentropy(z_loss=1e-3),
+        ksce.CategoricalCrossentropy(soft_cap=5.0),
+    ):
+        labels = (
+            tf.constant([1])
+            if isinstance(loss, ksce.SparseCategoricalCrossentropy)
+            else tf.constant([[0.0, 1.0]])
+        )
+        with pytest.raises(ValueError, match="needs logits"):
+            loss(labels, probabilities)
+
+
+def test_from_logits_with_a_softmax_output_warns_like_keras(rng):
+    logits = random_logits(rng, (3, 4))
+    probabilities = keras.activations.softmax(logits)
+    loss = ksce.SparseCategoricalCrossentropy(from_logits=True)
+    with pytest.warns(UserWarning, match="came out of a softmax"):
+        value = loss(tf.constant([0, 1, 2]), probabilities)
+    expected = ksce.SparseCategoricalCrossentropy(from_logits=True)(
+        tf.constant([0, 1, 2]), logits
+    )
+    assert_close(value, expected)
