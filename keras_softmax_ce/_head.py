@@ -178,6 +178,31 @@ def _zero_sums(d, num_classes, dtype, with_bias):
     return sums + (tf.zeros([num_classes], dtype),) if with_bias else sums
 
 
+def _first_order_only(gradient, params):
+    """`gradient` unchanged; differentiating it raises a clear error.
+
+    The gradients are formed in the forward loop, where no tape sees them,
+    so to a tape they would not depend on `params` at all and a second
+    derivative would silently come out as None or zero. Tying them to
+    `params` through this identity makes such a request reach `grad`,
+    which refuses it: better than a wrong Hessian.
+    """
+
+    @tf.custom_gradient
+    def identity(gradient, *params):
+        def grad(_):
+            raise NotImplementedError(
+                "Second derivatives through linear_softmax_cross_entropy "
+                "are not supported; differentiate "
+                "sparse_softmax_cross_entropy(labels, hidden @ kernel + "
+                "bias) instead."
+            )
+
+        return tf.identity(gradient), grad
+
+    return identity(gradient, *params)
+
+
 def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
     """The chunked loss with its custom gradient over padded rows.
 
@@ -216,12 +241,12 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
     # (sample weights, Keras masks) takes a second loop that recomputes the
     # logits, exact at the price of two more matrix products.
     @tf.custom_gradient
-    def fused(*params):
+    def fused(*inputs):
         # In graph mode `tf.custom_gradient` builds the forward pass under
         # the caller's tape. A persistent tape would then also trace the
         # gradient of the while loop, whose accumulators keep every chunk's
         # logits and which XLA refuses to compile; only `grad` may be used.
-        params = [tf.stop_gradient(p) for p in params]
+        params = [tf.stop_gradient(p) for p in inputs]
         hidden, kernel = params[:2]
         bias = params[2] if len(params) == 3 else None
         with_bias = bias is not None
@@ -318,10 +343,11 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
             sums = tf.cond(
                 uniform, lambda: tuple(scale * s for s in unit_sums), recomputed
             )
-            return [d_hidden] + [
+            grads = [d_hidden] + [
                 tf.cast(s, p.dtype)
                 for s, p in zip(sums, (kernel, bias), strict=False)
             ]
+            return [_first_order_only(g, inputs) for g in grads]
 
         return loss, grad
 

@@ -402,3 +402,19 @@ def test_model_saves_and_loads_without_custom_objects(tmp_path):
     np.testing.assert_allclose(
         loaded.head(loaded(tokens)), model.head(hidden), rtol=1e-6
     )
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    labels, hidden, kernel, bias, _ = make_inputs((13,))
+    with tf.GradientTape() as outer:
+        outer.watch(hidden)
+        with tf.GradientTape() as inner:
+            inner.watch(hidden)
+            loss = tf.reduce_sum(
+                linear_softmax_cross_entropy(
+                    labels, hidden, kernel, bias, chunk_size=4
+                )
+            )
+        grad = inner.gradient(loss, hidden)
+    with pytest.raises(NotImplementedError, match="Second derivatives"):
+        outer.gradient(grad, hidden)
