@@ -13,6 +13,14 @@ REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight"]
 SHAPES = [(6, 5), (3, 4, 7), (2, 3, 2, 6)]
 
 
+def sparse_pair(**kwargs):
+    """Ours and Keras' sparse loss with `from_logits=True` and `kwargs`."""
+    return (
+        ksce.SparseCategoricalCrossentropy(from_logits=True, **kwargs),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs),
+    )
+
+
 def compare(ours, theirs, y_true, y_pred, sample_weight=None, wrt=None):
     """Asserts equal loss and gradients with respect to `wrt` tensors."""
     wrt = [y_pred] if wrt is None else wrt
@@ -39,12 +47,7 @@ def test_sparse_matches_builtin(rng, shape, reduction, weighted):
         else None
     )
     compare(
-        ksce.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=reduction
-        ),
-        keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=reduction
-        ),
+        *sparse_pair(reduction=reduction),
         labels,
         logits,
         weights,
@@ -85,12 +88,7 @@ def test_ignore_class_matches_builtin(rng, reduction):
     weights = tf.constant(rng.uniform(0.1, 2.0, size=(4, 5)), tf.float32)
     for sample_weight in (None, weights):
         compare(
-            ksce.SparseCategoricalCrossentropy(
-                from_logits=True, ignore_class=-1, reduction=reduction
-            ),
-            keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True, ignore_class=-1, reduction=reduction
-            ),
+            *sparse_pair(ignore_class=-1, reduction=reduction),
             tf.constant(labels),
             logits,
             sample_weight,
@@ -104,12 +102,7 @@ def test_keras_mask_matches_builtin(rng, reduction):
     mask = tf.constant(rng.uniform(size=(3, 6)) > 0.3)
     set_keras_mask(logits, mask)
     compare(
-        ksce.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=reduction
-        ),
-        keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=reduction
-        ),
+        *sparse_pair(reduction=reduction),
         labels,
         logits,
     )
@@ -119,8 +112,7 @@ def test_labels_with_trailing_unit_axis_are_squeezed(rng):
     logits = random_logits(rng, (8, 4))
     labels = random_labels(rng, (8, 1), 4)
     compare(
-        ksce.SparseCategoricalCrossentropy(from_logits=True),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        *sparse_pair(),
         labels,
         logits,
     )
