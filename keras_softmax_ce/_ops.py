@@ -207,6 +207,8 @@ def map_row_blocks(fn, tensors, rows, differentiable=False):
     # `attach_gradient`, so for them recording is paused.
     with contextlib.nullcontext() if differentiable else _paused_tapes():
         # `Empty` leaves the outputs uninitialized: every row is written.
+        # A one-row call tells their shapes and dtypes; nothing consumes it,
+        # so the graph runs no part of it.
         outputs = [
             tf.raw_ops.Empty(shape=[n, *r.shape[1:]], dtype=r.dtype)
             for r in fn(*block(0, 1))
