@@ -143,10 +143,16 @@ def _check_inputs(labels, hidden, kernel, bias):
 
 
 def _chunk(tensor, start, rows):
-    """Rows `[start, start + rows)` of `tensor`; static size for XLA."""
+    """Rows `[start, start + rows)` of `tensor`; static size for XLA.
+
+    The size is spelled out rather than `-1` ("to the end"): with a start
+    known only at run time, TensorFlow's XLA bridge cannot resolve `-1`
+    statically and pads the whole tensor to twice its size on every axis
+    first (measured: `hidden` `[4096, 512]` became a `[8192, 1024]` copy).
+    """
     rank = tensor.shape.rank
     return tf.slice(
-        tensor, [start] + [0] * (rank - 1), [rows] + [-1] * (rank - 1)
+        tensor, [start] + [0] * (rank - 1), [rows, *tensor.shape[1:]]
     )
 
 

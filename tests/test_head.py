@@ -1,3 +1,5 @@
+"""Tests of the fused head in `keras_softmax_ce._head`."""
+
 import re
 
 import keras
@@ -178,6 +180,27 @@ def test_compiled_step_holds_no_full_logits(dtype):
     assert has_shape(fused_hlo, 8, V)  # One chunk of logits.
     # The same check finds the logits of the materialized path.
     assert has_shape(optimized_hlo(step(materialized), *args), 42, V)
+
+
+def test_compiled_step_makes_no_padded_copy_of_hidden():
+    # 48 rows in chunks of 8 need no padding rows, so a `pad` in the
+    # optimized HLO can only be XLA widening `hidden` to slice it (which a
+    # slice size of -1 with a run-time start makes it do).
+    labels, hidden, kernel, bias, _ = make_inputs((48,), seed=3)
+
+    def step(labels, hidden, kernel, bias):
+        with tf.GradientTape() as tape:
+            tape.watch([hidden, kernel, bias])
+            loss = tf.reduce_mean(
+                linear_softmax_cross_entropy(
+                    labels, hidden, kernel, bias, chunk_size=8
+                )
+            )
+        return tape.gradient(loss, [hidden, kernel, bias])
+
+    hlo = optimized_hlo(step, labels, hidden, kernel, bias)
+    assert has_shape(hlo, 8, V)  # The step was compiled chunk by chunk.
+    assert re.search(r"\bpad\(", hlo) is None
 
 
 def test_bfloat16_statistics_and_gradients():
