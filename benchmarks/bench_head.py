@@ -2,10 +2,13 @@
 
 Every measurement is a forward + backward step compiled with
 `jit_compile=True` that returns the gradients for `hidden`, `kernel` and
-`bias`, run in a process of its own so that one variant's freed buffers
-and compiled programs do not count against the next. Peak memory is
-TensorFlow's own count of bytes in use on `CPU:0` during one warmed-up
-step, minus what was in use before it (the inputs and the parameters).
+`bias`. Peak memory is TensorFlow's own count of bytes in use on `CPU:0`
+during one warmed-up step, minus what was in use before it (the inputs and
+the parameters), each variant in a process of its own so that one
+variant's freed buffers and compiled programs do not count against the
+next. Times are medians of runs interleaved across the variants in one
+more process, so that a change in the load of a shared machine falls on
+every variant alike and the ratios stay fair.
 
 Variants:
 
@@ -21,8 +24,13 @@ Variants:
 
 Usage:
 
-    python benchmarks/bench_head.py                 # table and plot
+    python benchmarks/bench_head.py                 # tables and plot
     python benchmarks/bench_head.py --repeats 5     # more timed steps
+    python benchmarks/bench_head.py --output FILE   # tables to FILE too
+
+Rows are echoed to stderr as they are measured; the tables go to stdout.
+Peak memory needs TensorFlow's BFC allocator on the CPU, which
+`_machine.track_allocations` turns on for every run.
 
 At the large shape the materialized path is not started when its need,
 estimated from the number of float32 `[N, V]` tensors its peak held at the
@@ -41,6 +49,8 @@ import time
 
 import _machine
 
+_machine.track_allocations()
+
 MAIN_SHAPE = (8192, 512, 32768)
 LARGE_SHAPE = (16384, 128, 262144)
 PLOT_N, PLOT_D = 4096, 256
@@ -51,11 +61,11 @@ FLOOR_CHUNK = 2048
 # measured the real number.
 MATERIALIZED_COPIES = 3
 MIB = 2**20
+VARIANTS = ("materialized", "fused", "fused-weighted", "floor")
 
 
-def measure(variant, n, d, v, repeats):
-    """Runs one variant in this process; returns peak bytes and times."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def make_run(variant, n, d, v):
+    """Builds `variant` at `(N, d, V)`; returns a function running a step."""
     import keras
     import tensorflow as tf
 
@@ -104,7 +114,7 @@ def measure(variant, n, d, v, repeats):
             d_hidden = tf.reshape(d_hidden.stack(), [n, d])
             return d_hidden, d_kernel, d_bias, logits_sum
 
-    else:
+    elif variant in ("materialized", "fused", "fused-weighted"):
         builtin = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
         @tf.function(jit_compile=True)
@@ -123,28 +133,49 @@ def measure(variant, n, d, v, repeats):
                     loss = tf.reduce_mean(losses)
             return tape.gradient(loss, [hidden, kernel, bias])
 
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected {VARIANTS}")
+
     def run():
         outputs = step(*params)
         # Reading one element waits for the step; the gradients exist.
         return [float(tf.reshape(o, [-1])[0]) for o in outputs]
 
+    return run
+
+
+def measure_peak(variant, n, d, v):
+    """Peak bytes of one warmed-up step above those held before it."""
+    import tensorflow as tf
+
+    run = make_run(variant, n, d, v)
     run()  # Compiles and warms up.
     tf.config.experimental.reset_memory_stats("CPU:0")
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     run()
-    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    times = []
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
+def measure_times(variants, n, d, v, repeats):
+    """Seconds per step of each variant, runs interleaved across them."""
+    runs = {variant: make_run(variant, n, d, v) for variant in variants}
+    for run in runs.values():
+        run()  # Compiles and warms up.
+    times = {variant: [] for variant in variants}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {"peak": peak, "times": times}
+        for variant, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[variant].append(time.perf_counter() - start)
+    return times
 
 
-def spawn(variant, shape, repeats):
-    """Measures `variant` at `shape` in a child process of this script."""
-    command = [sys.executable, __file__, "--child", variant]
-    command += [str(s) for s in shape] + [str(repeats)]
+def spawn(*args):
+    """Runs this script with `args` in a child process; returns its JSON.
+
+    A failed child gives `{"error": ...}` with the last line it printed.
+    """
+    command = [sys.executable, __file__, *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -152,24 +183,32 @@ def spawn(variant, shape, repeats):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def row(variant, shape, result, reference, floor):
-    """One Markdown table row."""
+def spawn_peak(variant, shape):
+    """`measure_peak` in a fresh process: `{"peak": bytes}` or an error."""
+    return spawn("--child-peak", variant, *shape)
+
+
+def spawn_times(variants, shape, repeats):
+    """`measure_times` in a fresh process: `{variant: [seconds]}`."""
+    return spawn("--child-times", ",".join(variants), *shape, repeats)
+
+
+def row(variant, shape, peaks, times):
+    """One Markdown table row; ratios are to `materialized` when it ran."""
     name = "x".join(str(s) for s in shape)
-    if "error" in result:
-        return f"| {variant} | {name} | {result['error']} | | | | |"
-    peak = result["peak"] / MIB
-    median = 1e3 * statistics.median(result["times"])
-    floor_ms = ""
-    if floor and "times" in floor:
-        floor_ms = f"{1e3 * statistics.median(floor['times']):.0f}"
+    for result in (peaks.get(variant, {}), times):
+        if "error" in result:
+            return f"| {variant} | {name} | {result['error']} | | | | |"
+    peak = peaks[variant]["peak"]
+    median = statistics.median(times[variant])
+    floor_ms = f"{1e3 * statistics.median(times['floor']):.0f}"
     peak_ratio = time_ratio = "-"
-    if reference and "times" in reference:
-        peak_ratio = f"{result['peak'] / reference['peak']:.3f}"
-        ref_ms = 1e3 * statistics.median(reference["times"])
-        time_ratio = f"{median / ref_ms:.2f}"
+    if "materialized" in times:
+        peak_ratio = f"{peak / peaks['materialized']['peak']:.3f}"
+        time_ratio = f"{median / statistics.median(times['materialized']):.2f}"
     return (
-        f"| {variant} | {name} | {peak:.0f} | {peak_ratio} | {median:.0f} "
-        f"| {time_ratio} | {floor_ms} |"
+        f"| {variant} | {name} | {peak / MIB:.0f} | {peak_ratio} "
+        f"| {1e3 * median:.0f} | {time_ratio} | {floor_ms} |"
     )
 
 
@@ -185,9 +224,15 @@ def total_memory_gb():
     return 24.0
 
 
+def progress(line):
+    """Echoes a measured row to stderr while the run goes on."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-peak", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-times", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gb", type=float, default=total_memory_gb())
     parser.add_argument(
@@ -196,15 +241,29 @@ def main():
     )
     parser.add_argument("--no-large", action="store_true")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--output", default=None, help="also write the tables to this file"
+    )
     args = parser.parse_args()
-    if args.child:
-        variant, n, d, v, repeats = args.child
-        result = measure(variant, int(n), int(d), int(v), int(repeats))
-        print(json.dumps(result))
+    if args.child_peak:
+        variant, *shape = args.child_peak
+        print(json.dumps({"peak": measure_peak(variant, *map(int, shape))}))
         return
+    if args.child_times:
+        variants, *shape, repeats = args.child_times
+        shape, repeats = [int(s) for s in shape], int(repeats)
+        print(json.dumps(measure_times(variants.split(","), *shape, repeats)))
+        return
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; received {args.repeats}")
 
-    print(f"Machine: {_machine.describe()}\n", flush=True)
     lines = [
+        f"Machine: {_machine.describe()}",
+        "",
+        "Forward + backward under jit_compile; median ms of "
+        f"{args.repeats} timed steps interleaved across the variants at the "
+        "first shape, of 1 at the second:",
+        "",
         "| variant | N x d x V | peak MiB | peak / materialized | median ms "
         "| time / materialized | matmul floor ms |",
         "|---|---|---|---|---|---|---|",
@@ -215,38 +274,45 @@ def main():
         n, _, v = shape
         copies = copies_seen or MATERIALIZED_COPIES
         needed = copies * n * v * 4
+        variants = ["materialized", "fused", "fused-weighted"]
+        peaks = {}
         if needed > args.max_gb * 1e9:
-            reference = {
+            peaks["materialized"] = {
                 "error": f"needs ~{needed / 1e9:.0f} GB ({copies:.2f} [N, V] "
                 f"float32 tensors) of {args.max_gb:.0f} GB; not run"
             }
-        else:
-            reference = spawn("materialized", shape, args.repeats)
-            if "peak" in reference and copies_seen is None:
-                copies_seen = reference["peak"] / (n * v * 4)
-        # One timed step at the large shape keeps the run near 10 minutes.
-        repeats = args.repeats if shape == MAIN_SHAPE else 1
-        floor = spawn("floor", shape, repeats)
-        lines.append(row("materialized", shape, reference, reference, floor))
-        variants = ["fused", "fused-weighted"]
+            variants.remove("materialized")
         if shape != MAIN_SHAPE:
-            variants = ["fused"]
+            # One timed step of the slow weighted path would double the run.
+            variants.remove("fused-weighted")
         for variant in variants:
-            result = spawn(variant, shape, repeats)
-            lines.append(row(variant, shape, result, reference, floor))
-        print("\n".join(lines[-len(variants) - 1 :]), flush=True)
-    print("\n" + "\n".join(lines))
+            peaks[variant] = spawn_peak(variant, shape)
+        if "peak" in peaks.get("materialized", {}) and copies_seen is None:
+            copies_seen = peaks["materialized"]["peak"] / (n * v * 4)
+        # One timed step at the large shape keeps the run bounded.
+        repeats = args.repeats if shape == MAIN_SHAPE else 1
+        times = spawn_times([*variants, "floor"], shape, repeats)
+        for variant in ["materialized", "fused", "fused-weighted"]:
+            if variant in peaks:
+                lines.append(row(variant, shape, peaks, times))
+                progress(lines[-1])
     if copies_seen is not None:
-        print(
-            f"\nMaterialized peak at {MAIN_SHAPE}: {copies_seen:.2f} float32 "
-            "[N, V] tensors, the estimate used at the large shape."
-        )
+        lines += [
+            "",
+            f"Materialized peak at {MAIN_SHAPE}: {copies_seen:.2f} float32 "
+            "[N, V] tensors, the estimate used at the large shape.",
+        ]
     if not args.no_plot:
-        plot(args.plot)
+        lines += ["", *plot(args.plot)]
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as output:
+            output.write(text + "\n")
 
 
 def plot(path):
-    """Peak memory against vocabulary size for both paths, as a PNG."""
+    """Plots peak memory against vocabulary size; returns the table lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,14 +321,21 @@ def plot(path):
     peaks = {"materialized": [], "fused": []}
     for v in PLOT_VOCABS:
         for variant, values in peaks.items():
-            result = spawn(variant, (PLOT_N, PLOT_D, v), 0)
+            result = spawn_peak(variant, (PLOT_N, PLOT_D, v))
             if "error" in result:
-                print(f"{variant} at V={v}: {result['error']}", flush=True)
+                progress(f"{variant} at V={v}: {result['error']}")
             values.append(result.get("peak", float("nan")) / MIB)
-    print(f"\nPeak MiB at N={PLOT_N}, d={PLOT_D}:")
-    print("| V | " + " | ".join(peaks) + " |\n|---|---|---|")
+        progress(f"V={v}: " + ", ".join(f"{p[-1]:.0f}" for p in peaks.values()))
+    lines = [
+        f"Peak MiB at N={PLOT_N}, d={PLOT_D} (plotted in "
+        f"{os.path.relpath(path)}):",
+        "",
+        "| V | " + " | ".join(peaks) + " |",
+        "|---|---|---|",
+    ]
     for i, v in enumerate(PLOT_VOCABS):
-        print(f"| {v} | " + " | ".join(f"{p[i]:.0f}" for p in peaks.values()))
+        cells = " | ".join(f"{p[i]:.0f}" for p in peaks.values())
+        lines.append(f"| {v} | {cells} |")
     figure, axes = plt.subplots(figsize=(6, 4))
     for variant, values in peaks.items():
         axes.plot(PLOT_VOCABS, values, marker="o", label=variant)
@@ -275,7 +348,8 @@ def plot(path):
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    print(f"Plot written to {path}")
+    progress(f"Plot written to {path}")
+    return lines
 
 
 if __name__ == "__main__":

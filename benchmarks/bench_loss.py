@@ -14,7 +14,9 @@ Times are medians of interleaved runs in one process, under
 `jit_compile=True`. Peak memory is TensorFlow's own count of bytes in use
 (`tf.config.experimental.get_memory_info`) during a warmed-up step above
 what was in use before it, each variant in a fresh process, with and
-without XLA.
+without XLA. TensorFlow keeps that count on the CPU only with its BFC
+allocator, which `_machine.track_allocations` turns on for every run.
+Rows are echoed to stderr as they are measured; the tables go to stdout.
 
 Usage:
     python benchmarks/bench_loss.py [--repeats 15] [--output FILE]
@@ -22,7 +24,6 @@ Usage:
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 
 import _machine
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_machine.track_allocations()
 
 TIME_SHAPES = [(2048, 32768), (8192, 1024), (64, 262144)]
 MEMORY_SHAPE = (4096, 65536)
@@ -100,11 +101,11 @@ def time_shape(n, v, dtype, repeats, jit_compile=True):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_memory(variant, dtype, jit_compile):
+def peak_memory(variant, dtype, jit_compile, shape=MEMORY_SHAPE):
     """Bytes allocated by one warmed-up step above those held before it."""
     import tensorflow as tf
 
-    labels, logits = inputs(*MEMORY_SHAPE, dtype)
+    labels, logits = inputs(*shape, dtype)
     step = make_step(variant, jit_compile)
     run_and_wait(step, labels, logits)
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
@@ -113,12 +114,13 @@ def peak_memory(variant, dtype, jit_compile):
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
 
-def memory_in_subprocess(variant, dtype, jit_compile):
+def memory_in_subprocess(variant, dtype, jit_compile, shape=MEMORY_SHAPE):
+    """`peak_memory` in a fresh process, so no other variant's buffers count."""
     command = [
         sys.executable,
         __file__,
         "--memory-child",
-        json.dumps([variant, dtype, jit_compile]),
+        json.dumps([variant, dtype, jit_compile, *shape]),
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, check=False
@@ -155,7 +157,7 @@ def report(repeats):
                 f"| {t['ours'] / t['keras']:.2f} "
                 f"| {t['ours'] / t['floor']:.2f} |"
             )
-            print(lines[-1], flush=True)
+            print(lines[-1], file=sys.stderr, flush=True)
     n, v = MEMORY_SHAPE
     lines += [
         "",
@@ -181,7 +183,7 @@ def report(repeats):
                 f"| {dtype} | {'yes' if jit_compile else 'no'} | {cells} "
                 f"| {peak['ours'] / peak['keras']:.2f} |"
             )
-            print(lines[-1], flush=True)
+            print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
@@ -196,13 +198,12 @@ def main():
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        variant, dtype, jit_compile = json.loads(args.memory_child)
-        print(peak_memory(variant, dtype, jit_compile))
+        variant, dtype, jit_compile, *shape = json.loads(args.memory_child)
+        print(peak_memory(variant, dtype, jit_compile, tuple(shape)))
         return
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; received {args.repeats}")
     text = report(args.repeats)
-    print()
     print(text)
     if args.output:
         with open(args.output, "w") as output:
