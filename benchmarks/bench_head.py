@@ -256,6 +256,16 @@ def main():
         return
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; received {args.repeats}")
+    # Checked first, so that a missing plotting library does not lose the
+    # tables at the end of a long run.
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error(
+                "the plot needs matplotlib: pip install -e '.[bench]' from "
+                "the repository root, or pass --no-plot"
+            )
 
     lines = [
         f"Machine: {_machine.describe()}",

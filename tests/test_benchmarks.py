@@ -66,3 +66,26 @@ def test_loss_benchmark_measures_memory(variant, jit_compile):
     )
     # The step returns the `[N, V]` float32 gradient, held at the peak.
     assert peak >= n * v * 4
+
+
+def test_head_benchmark_without_matplotlib_stops_before_measuring():
+    # A `None` entry in sys.modules makes `import matplotlib` fail as if it
+    # were not installed; the run must say so before any long measurement.
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.path.insert(0, {str(BENCHMARKS)!r}); "
+        "sys.argv = ['bench_head.py']; "
+        f"runpy.run_path({str(BENCHMARKS / 'bench_head.py')!r}, "
+        "run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "needs matplotlib" in result.stderr
+    assert ".[bench]" in result.stderr
+    assert result.stdout == ""
