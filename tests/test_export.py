@@ -313,6 +313,17 @@ def test_save_training_module_rejects_bad_input(tmp_path, rng):
         )
     with pytest.raises(ValueError, match="LossAndGradientsModule"):
         _export.save_training_module(model, tmp_path / "t", *sample_batch(rng))
+    specs = (
+        tf.TensorSpec([BATCH, NUM_FEATURES], tf.float32),
+        tf.TensorSpec([BATCH], tf.int32),
+    )
+    with pytest.raises(ValueError, match="keras.Model.*function"):
+        _export.LossAndGradientsModule(lambda x: x, *specs, loss=abs)
+    with pytest.raises(ValueError, match="label_spec.*TensorSpec.*\\[4\\]"):
+        _export.LossAndGradientsModule(model, specs[0], [BATCH], loss=abs)
+    with pytest.raises(ValueError, match="callable.*'sparse'"):
+        _export.LossAndGradientsModule(model, *specs, loss="sparse")
+    assert not (tmp_path / "t").exists()
 
 
 def test_export_never_replaces_with_an_unchecked_model(

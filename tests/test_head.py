@@ -265,6 +265,8 @@ def test_label_out_of_range_in_graph_and_under_xla():
         ({"labels": tf.zeros([12], tf.int32)}, r"labels shape \(12,\)"),
         ({"bias": tf.zeros([V + 1])}, r"\[11\].*\(12,\)"),
         ({"labels": tf.zeros([13])}, "integer.*float32"),
+        ({"hidden": tf.zeros([13, D], tf.float64)}, "same dtype.*float64"),
+        ({"bias": tf.zeros([V], tf.float64)}, "dtype of `kernel`.*float64"),
         ({"z_loss": -1.0}, "z_loss=-1.0"),
     ],
 )
@@ -276,10 +278,25 @@ def test_bad_input_raises_value_error(change, message):
         linear_softmax_cross_entropy(**args)
 
 
+def test_kernel_without_a_static_shape_is_refused():
+    labels, hidden, kernel, bias, _ = make_inputs((13,))
+    step = tf.function(
+        linear_softmax_cross_entropy,
+        input_signature=[
+            tf.TensorSpec([13], tf.int32),
+            tf.TensorSpec([13, D], tf.float32),
+            tf.TensorSpec([D, None], tf.float32),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"static shape.*\(6, None\)"):
+        step(labels, hidden, kernel)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"units": 0}, "units=0"),
+        ({"units": V, "use_bias": "yes"}, "use_bias.*'yes'"),
         ({"units": V, "chunk_size": -2}, "chunk_size=-2"),
         ({"units": V, "ignore_class": 1.5}, "ignore_class=1.5"),
         ({"units": V, "label_smoothing": 2.0}, "label_smoothing=2.0"),
@@ -329,6 +346,17 @@ def test_layer_logits_and_loss_match_dense_reference():
         tape.gradient(loss, layer.trainable_variables),
         tape.gradient(ref, layer.trainable_variables),
     )
+
+
+def test_layer_needs_a_known_last_axis_to_build():
+    layer = LinearSoftmaxCrossEntropy(V, name="head")
+    with pytest.raises(ValueError, match=r"head.*\(None, None\)"):
+        layer.build((None, None))
+
+
+def test_fused_head_model_refuses_another_head():
+    with pytest.raises(ValueError, match="LinearSoftmaxCrossEntropy.*Dense"):
+        FusedHeadModel(keras.layers.Embedding(V, D), keras.layers.Dense(V))
 
 
 def test_layer_config_round_trip():

@@ -390,6 +390,20 @@ def test_shape_and_dtype_mismatches_raise_value_error():
         softmax_cross_entropy(tf.zeros([2, 4]), tf.zeros([2, 3]))
     with pytest.raises(ValueError, match="`labels` must be a floating"):
         softmax_cross_entropy(tf.zeros([2, 3], tf.int32), tf.zeros([2, 3]))
+    with pytest.raises(ValueError, match=r"rank >= 1; received shape \(\)"):
+        softmax_cross_entropy(tf.constant(1.0), tf.constant(0.5))
+
+
+def test_class_axis_of_unknown_size_is_refused():
+    step = tf.function(
+        sparse_softmax_cross_entropy,
+        input_signature=[
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, None], tf.float32),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"static size.*\(None, None\)"):
+        step(tf.constant([0, 1]), tf.zeros([2, 3]))
 
 
 @pytest.mark.parametrize("sparse", [True, False])
