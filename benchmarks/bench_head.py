@@ -62,6 +62,8 @@ FLOOR_CHUNK = 2048
 MATERIALIZED_COPIES = 3
 MIB = 2**20
 VARIANTS = ("materialized", "fused", "fused-weighted", "floor")
+# Chunk budgets (MiB) that `--chunk-sweep` compares at the first shape.
+SWEEP_MIB = (16, 32, 64, 128, 256)
 
 
 def make_run(variant, n, d, v):
@@ -69,8 +71,11 @@ def make_run(variant, n, d, v):
     import keras
     import tensorflow as tf
 
-    from keras_softmax_ce._head import linear_softmax_cross_entropy
+    from keras_softmax_ce._head import chunk_rows, linear_softmax_cross_entropy
 
+    # `fused@64` is `fused` with chunks of a 64 MiB budget, for the sweep.
+    base, _, budget = variant.partition("@")
+    chunk_size = chunk_rows(n, v, int(budget) * MIB) if budget else None
     rng = tf.random.Generator.from_seed(0)
     hidden = rng.normal([n, d])
     kernel = rng.normal([d, v], stddev=d**-0.5)
@@ -114,7 +119,7 @@ def make_run(variant, n, d, v):
             d_hidden = tf.reshape(d_hidden.stack(), [n, d])
             return d_hidden, d_kernel, d_bias, logits_sum
 
-    elif variant in ("materialized", "fused", "fused-weighted"):
+    elif base in ("materialized", "fused", "fused-weighted"):
         builtin = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
         @tf.function(jit_compile=True)
@@ -126,9 +131,9 @@ def make_run(variant, n, d, v):
                     loss = builtin(labels, logits)
                 else:
                     losses = linear_softmax_cross_entropy(
-                        labels, hidden, kernel, bias
+                        labels, hidden, kernel, bias, chunk_size=chunk_size
                     )
-                    if variant == "fused-weighted":
+                    if base == "fused-weighted":
                         losses *= weights
                     loss = tf.reduce_mean(losses)
             return tape.gradient(loss, [hidden, kernel, bias])
@@ -242,6 +247,12 @@ def main():
     parser.add_argument("--no-large", action="store_true")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
+        "--chunk-sweep",
+        action="store_true",
+        help="instead, compare chunk budgets of the fused head at the first "
+        "shape",
+    )
+    parser.add_argument(
         "--output", default=None, help="also write the tables to this file"
     )
     args = parser.parse_args()
@@ -256,6 +267,13 @@ def main():
         return
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; received {args.repeats}")
+    if args.chunk_sweep:
+        text = "\n".join(chunk_sweep(args.repeats))
+        print(text)
+        if args.output:
+            with open(args.output, "w") as output:
+                output.write(text + "\n")
+        return
     # Checked first, so that a missing plotting library does not lose the
     # tables at the end of a long run.
     if not args.no_plot:
@@ -319,6 +337,39 @@ def main():
     if args.output:
         with open(args.output, "w") as output:
             output.write(text + "\n")
+
+
+def chunk_sweep(repeats):
+    """Peak and time of the fused head per chunk budget; the table lines."""
+    shape = MAIN_SHAPE
+    n, _, v = shape
+    variants = [f"fused@{mib}" for mib in SWEEP_MIB]
+    peaks = {
+        variant: spawn_peak(variant, shape)
+        for variant in ["materialized", *variants]
+    }
+    times = spawn_times(["materialized", *variants, "floor"], shape, repeats)
+    lines = [
+        f"Machine: {_machine.describe()}",
+        "",
+        f"Chunk budgets of the fused head at N x d x V = "
+        f"{'x'.join(map(str, shape))}; median ms of {repeats} timed steps "
+        "interleaved across the variants:",
+        "",
+        "| variant | chunk rows | peak MiB | peak / materialized | median ms "
+        "| time / materialized | matmul floor ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    from keras_softmax_ce._head import chunk_rows
+
+    for variant in ["materialized", *variants]:
+        cells = row(variant, shape, peaks, times).split(" | ")
+        _, _, budget = variant.partition("@")
+        rows = chunk_rows(n, v, int(budget) * MIB) if budget else n
+        cells[1] = str(rows)
+        lines.append(" | ".join(cells))
+        progress(lines[-1])
+    return lines
 
 
 def plot(path):

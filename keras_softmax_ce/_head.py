@@ -40,12 +40,15 @@ _PACKAGE = "keras_softmax_ce"
 
 # With `chunk_size=None`, a chunk has as many rows as make one float32
 # `[rows, V]` tensor this large, so the loss's own temporaries do not grow
-# with `N`. Larger chunks make the `[rows, d] x [d, V]` products and the
-# `[d, V]` accumulation of `d_kernel` cheaper per row; on 2 CPU cores at
-# N=8192, d=512, V=32768 (forward + backward under XLA, quiet machine)
-# 16, 64 and 128 MiB chunks took 2.97, 2.99 and 2.63 s against 2.77 s for
-# the materialized path, with peaks of 336, 338 and 416 MiB against
-# 2128 MiB. 128 MiB is the first budget no slower than materializing.
+# with `N`. Smaller chunks hold less, larger ones make fewer and bigger
+# matrix products. `python benchmarks/bench_head.py --chunk-sweep` at
+# N=8192, d=512, V=32768 on 2 CPU cores (results/bench_head_chunks.md):
+# budgets of 16, 32, 64, 128 and 256 MiB peaked at 161, 193, 336, 354 and
+# 612 MiB against 2128 MiB materialized, in 1.03, 1.07, 1.10, 1.01 and
+# 0.95x its time (one noisy run: the differences in time are within its
+# scatter). 128 MiB is kept because GPUs and TPUs, which this is for, want
+# large products: at V=131072 it still gives 256-row chunks, where 16 MiB
+# would give 32. Pass `chunk_size` to trade time for memory.
 CHUNK_BYTES = 128 * 2**20
 
 

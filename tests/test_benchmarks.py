@@ -28,7 +28,7 @@ def run_child(script, *args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-HEAD_VARIANTS = ["materialized", "fused", "fused-weighted", "floor"]
+HEAD_VARIANTS = ["materialized", "fused", "fused@1", "fused-weighted", "floor"]
 HEAD_SHAPE = (64, 8, 128)
 
 
