@@ -240,7 +240,9 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
     # products any implementation needs, took 6.0 s and 328 MiB; keeping
     # only `lse` and recomputing each chunk's logits in the backward pass,
     # a fourth product, took 9.0 s and 185 MiB. Time won: memory is already
-    # a small fraction of the materialized path's either way.
+    # a small fraction of the materialized path's either way. (Measured
+    # before `d_kernel` was accumulated in its output buffer, which took
+    # 64 MiB off the first figure; see `grad`.)
     # The loss is per example, so the incoming gradient `g` is known only
     # in the backward pass. `d_hidden` is exact for any `g` (row `r` is
     # linear in `g_r`), but `d_kernel = sum_r g_r hidden_r^T d_logits_r`
