@@ -145,20 +145,6 @@ def _check_inputs(labels, hidden, kernel, bias):
         )
 
 
-def _chunk(tensor, start, rows):
-    """Rows `[start, start + rows)` of `tensor`; static size for XLA.
-
-    The size is spelled out rather than `-1` ("to the end"): with a start
-    known only at run time, TensorFlow's XLA bridge cannot resolve `-1`
-    statically and pads the whole tensor to twice its size on every axis
-    first (measured: `hidden` `[4096, 512]` became a `[8192, 1024]` copy).
-    """
-    rank = tensor.shape.rank
-    return tf.slice(
-        tensor, [start] + [0] * (rank - 1), [rows, *tensor.shape[1:]]
-    )
-
-
 def _chunk_logits(hidden_c, kernel, bias):
     logits = tf.matmul(hidden_c, kernel)
     return logits if bias is None else logits + bias
@@ -264,15 +250,17 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
 
         def forward_chunk(i, sums, arrays):
             start = i * rows
-            hidden_c = _chunk(hidden, start, rows)
+            hidden_c = _ops.slice_rows(hidden, start, rows)
             logits = _chunk_logits(hidden_c, kernel, bias)
             loss, lse, safe_labels, row_weight = _ops.sparse_forward(
-                _chunk(labels, start, rows),
+                _ops.slice_rows(labels, start, rows),
                 logits,
                 row_offset=start,
                 **options,
             )
-            row_weight *= tf.cast(_chunk(valid, start, rows), row_weight.dtype)
+            row_weight *= tf.cast(
+                _ops.slice_rows(valid, start, rows), row_weight.dtype
+            )
             d_logits = _ops.sparse_backward(
                 row_weight, logits, lse, safe_labels, **backward_options
             )
@@ -311,14 +299,14 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
         ]
         d_hidden_unit = tf.reshape(arrays[4].stack(), [-1, d])
 
-        def recompute_chunk(g, i, sums):
+        def recompute_chunk(weighted_g, i, sums):
             start = i * rows
-            hidden_c = _chunk(hidden, start, rows)
+            hidden_c = _ops.slice_rows(hidden, start, rows)
             d_logits = _ops.sparse_backward(
-                _chunk(g * row_weight, start, rows),
+                _ops.slice_rows(weighted_g, start, rows),
                 _chunk_logits(hidden_c, kernel, bias),
-                _chunk(lse, start, rows),
-                _chunk(safe_labels, start, rows),
+                _ops.slice_rows(lse, start, rows),
+                _ops.slice_rows(safe_labels, start, rows),
                 **backward_options,
             )
             return i + 1, _accumulate(sums, hidden_c, d_logits)
@@ -349,9 +337,11 @@ def _fused_rows(labels, valid, hidden, kernel, bias, *, rows, options):
                 tf.where(uniform, scale * s, tf.zeros_like(s))
                 for s in unit_sums
             )
+            recomputed_chunks = tf.where(uniform, 0, num_chunks)
+            weighted_g = g * row_weight
             _, sums = tf.while_loop(
-                lambda i, *_: i < tf.where(uniform, 0, num_chunks),
-                lambda i, sums: recompute_chunk(g, i, sums),
+                lambda i, *_: i < recomputed_chunks,
+                lambda i, sums: recompute_chunk(weighted_g, i, sums),
                 (tf.constant(0), start),
                 parallel_iterations=1,
             )

@@ -153,6 +153,28 @@ def block_rows(num_classes):
     return max(1, BLOCK_BYTES // (4 * num_classes))
 
 
+def slice_rows(tensor, start, rows):
+    """Rows `[start, start + rows)` of `tensor`, a slice of static size.
+
+    The size is spelled out rather than `-1` ("to the end"): with a start
+    known only at run time, TensorFlow's XLA bridge cannot resolve `-1`
+    statically and pads the whole tensor to twice its size on every axis
+    first (measured: `hidden` `[4096, 512]` became a `[8192, 1024]` copy).
+
+    Args:
+        tensor: Tensor `[N, ...]` whose trailing axes have static sizes.
+        start: Scalar int, Python or tensor, the first row.
+        rows: Python int, how many rows.
+
+    Returns:
+        `[rows, ...]`.
+    """
+    rank = tensor.shape.rank
+    return tf.slice(
+        tensor, [start] + [0] * (rank - 1), [rows, *tensor.shape[1:]]
+    )
+
+
 def map_row_blocks(fn, tensors, rows, differentiable=False):
     """Applies `fn` to blocks of `rows` rows and assembles the results.
 
@@ -185,14 +207,7 @@ def map_row_blocks(fn, tensors, rows, differentiable=False):
         return fn(*tensors)
 
     def block(start, size):
-        return [
-            tf.slice(
-                t,
-                [start] + [0] * (t.shape.rank - 1),
-                [size] + [-1] * (t.shape.rank - 1),
-            )
-            for t in tensors
-        ]
+        return [slice_rows(t, start, size) for t in tensors]
 
     def write(outputs, start, size):
         results = fn(*block(start, size))
