@@ -23,6 +23,14 @@ def track_allocations():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def report(text, output=None):
+    """Prints the tables `text` and writes them to the file `output` too."""
+    print(text)
+    if output:
+        with open(output, "w") as file:
+            file.write(text + "\n")
+
+
 def describe():
     """Cores, CPU model, and the Python, TensorFlow and Keras versions."""
     import keras

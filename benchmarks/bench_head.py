@@ -66,16 +66,26 @@ VARIANTS = ("materialized", "fused", "fused-weighted", "floor")
 SWEEP_MIB = (16, 32, 64, 128, 256)
 
 
+def swept_chunk_rows(variant, n, v):
+    """Rows per chunk of `fused@64` (a 64 MiB budget) and the like, or None.
+
+    Variants without a budget use the head's own default chunk size.
+    """
+    from keras_softmax_ce._head import chunk_rows
+
+    budget = variant.partition("@")[2]
+    return chunk_rows(n, v, int(budget) * MIB) if budget else None
+
+
 def make_run(variant, n, d, v):
     """Builds `variant` at `(N, d, V)`; returns a function running a step."""
     import keras
     import tensorflow as tf
 
-    from keras_softmax_ce._head import chunk_rows, linear_softmax_cross_entropy
+    from keras_softmax_ce._head import linear_softmax_cross_entropy
 
-    # `fused@64` is `fused` with chunks of a 64 MiB budget, for the sweep.
-    base, _, budget = variant.partition("@")
-    chunk_size = chunk_rows(n, v, int(budget) * MIB) if budget else None
+    base = variant.partition("@")[0]
+    chunk_size = swept_chunk_rows(variant, n, v)
     rng = tf.random.Generator.from_seed(0)
     hidden = rng.normal([n, d])
     kernel = rng.normal([d, v], stddev=d**-0.5)
@@ -198,9 +208,12 @@ def spawn_times(variants, shape, repeats):
     return spawn("--child-times", ",".join(variants), *shape, repeats)
 
 
-def row(variant, shape, peaks, times):
-    """One Markdown table row; ratios are to `materialized` when it ran."""
-    name = "x".join(str(s) for s in shape)
+def row(variant, shape, peaks, times, name=None):
+    """One Markdown table row; ratios are to `materialized` when it ran.
+
+    The second column is `name`, by default the shape `NxdxV`.
+    """
+    name = name or "x".join(str(s) for s in shape)
     for result in (peaks.get(variant, {}), times):
         if "error" in result:
             return f"| {variant} | {name} | {result['error']} | | | | |"
@@ -268,11 +281,7 @@ def main():
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; received {args.repeats}")
     if args.chunk_sweep:
-        text = "\n".join(chunk_sweep(args.repeats))
-        print(text)
-        if args.output:
-            with open(args.output, "w") as output:
-                output.write(text + "\n")
+        _machine.report("\n".join(chunk_sweep(args.repeats)), args.output)
         return
     # Checked first, so that a missing plotting library does not lose the
     # tables at the end of a long run.
@@ -332,11 +341,7 @@ def main():
         ]
     if not args.no_plot:
         lines += ["", *plot(args.plot)]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as output:
-            output.write(text + "\n")
+    _machine.report("\n".join(lines), args.output)
 
 
 def chunk_sweep(repeats):
@@ -360,14 +365,9 @@ def chunk_sweep(repeats):
         "| time / materialized | matmul floor ms |",
         "|---|---|---|---|---|---|---|",
     ]
-    from keras_softmax_ce._head import chunk_rows
-
     for variant in ["materialized", *variants]:
-        cells = row(variant, shape, peaks, times).split(" | ")
-        _, _, budget = variant.partition("@")
-        rows = chunk_rows(n, v, int(budget) * MIB) if budget else n
-        cells[1] = str(rows)
-        lines.append(" | ".join(cells))
+        rows = swept_chunk_rows(variant, n, v) or n
+        lines.append(row(variant, shape, peaks, times, name=str(rows)))
         progress(lines[-1])
     return lines
 

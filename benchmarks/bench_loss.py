@@ -203,11 +203,7 @@ def main():
         return
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1; received {args.repeats}")
-    text = report(args.repeats)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as output:
-            output.write(text + "\n")
+    _machine.report(report(args.repeats), args.output)
 
 
 if __name__ == "__main__":
