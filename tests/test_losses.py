@@ -13,12 +13,17 @@ REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight"]
 SHAPES = [(6, 5), (3, 4, 7), (2, 3, 2, 6)]
 
 
+def loss_pair(sparse, **kwargs):
+    """Ours and Keras' sparse or dense categorical loss, built with `kwargs`."""
+    name = (
+        "SparseCategoricalCrossentropy" if sparse else "CategoricalCrossentropy"
+    )
+    return getattr(ksce, name)(**kwargs), getattr(keras.losses, name)(**kwargs)
+
+
 def sparse_pair(**kwargs):
     """Ours and Keras' sparse loss with `from_logits=True` and `kwargs`."""
-    return (
-        ksce.SparseCategoricalCrossentropy(from_logits=True, **kwargs),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs),
-    )
+    return loss_pair(True, from_logits=True, **kwargs)
 
 
 def compare(ours, theirs, y_true, y_pred, sample_weight=None, wrt=None):
@@ -134,13 +139,7 @@ def test_softmax_outputs_are_traced_back_to_logits(rng, sparse):
     labels = random_labels(rng, (6,), 5)
     if not sparse:
         labels = tf.one_hot(labels, 5)
-    classes = (
-        "SparseCategoricalCrossentropy"
-        if sparse
-        else ("CategoricalCrossentropy")
-    )
-    ours = getattr(ksce, classes)()
-    theirs = getattr(keras.losses, classes)()
+    ours, theirs = loss_pair(sparse)
 
     @tf.function
     def both(logits):
@@ -166,17 +165,7 @@ def test_probabilities_match_builtin(rng, sparse):
     labels = random_labels(rng, (6,), 5)
     if not sparse:
         labels = tf.one_hot(labels, 5)
-    name = (
-        "SparseCategoricalCrossentropy"
-        if sparse
-        else ("CategoricalCrossentropy")
-    )
-    compare(
-        getattr(ksce, name)(reduction=None),
-        getattr(keras.losses, name)(reduction=None),
-        labels,
-        probabilities,
-    )
+    compare(*loss_pair(sparse, reduction=None), labels, probabilities)
 
 
 def test_integer_labels_survive_a_bfloat16_loss():
